@@ -498,7 +498,7 @@ def load_torchvision_mnist(root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarr
         test = datasets.MNIST(str(root), train=False, download=True)
     except (RuntimeError, OSError, ValueError) as error:
         raise InputError(
-            f"no train.csv/test.csv in {root}, and downloading MNIST there failed ({error}); "
+            f"no train.csv/test.csv in {root}, and downloading MNIST there failed ({' '.join(str(error).split())}); "
             "check the network connection, or put Kaggle's train.csv and test.csv in that folder"
         ) from error
     return (train.data.numpy(), train.targets.numpy().astype(np.int64),
@@ -822,19 +822,29 @@ class Lookahead(torch.optim.Optimizer):
             raise ValueError(f"invalid Lookahead k {k}: must be at least 1")
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"invalid Lookahead alpha {alpha}: must be in [0, 1]")
-        # The base optimizer owns param_groups and per-parameter state; this
-        # wrapper shares them, so LR schedulers and GradScaler act on the base.
         self.base_optimizer = base_optimizer
         self.k, self.alpha = k, alpha
         self.fast_steps = 0
-        self.defaults = base_optimizer.defaults
-        self.param_groups = base_optimizer.param_groups
-        self.state = base_optimizer.state
         self._optimizer_step_pre_hooks = {}
         self._optimizer_step_post_hooks = {}
         self.slow_weights = [
             [p.detach().clone() for p in group["params"]] for group in self.param_groups
         ]
+
+    # param_groups, state and defaults are the base optimizer's, read through
+    # properties: its load_state_dict replaces those objects, and LR schedulers
+    # and GradScaler must keep acting on the ones in use.
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.base_optimizer.param_groups
+
+    @property
+    def state(self) -> dict:
+        return self.base_optimizer.state
+
+    @property
+    def defaults(self) -> dict:
+        return self.base_optimizer.defaults
 
     def __repr__(self) -> str:
         return f"Lookahead(k={self.k}, alpha={self.alpha}, base={self.base_optimizer!r})"
@@ -1164,7 +1174,9 @@ def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, f
     denominator = 1 + z * z / total
     center = (p + z * z / (2 * total)) / denominator
     half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denominator
-    return (100.0 * max(center - half, 0.0), 100.0 * min(center + half, 1.0))
+    low = 0.0 if correct == 0 else max(center - half, 0.0)
+    high = 1.0 if correct == total else min(center + half, 1.0)
+    return (100.0 * low, 100.0 * high)
 
 
 def format_accuracy(acc: float, total: int) -> str:

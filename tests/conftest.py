@@ -57,13 +57,13 @@ def tiny_data(tmp_path_factory) -> Path:
     return write_kaggle_csvs(tmp_path_factory.mktemp("tiny_data"))
 
 
-TINY_ARGS = ["--epochs", "3", "--width", "4", "--batch-size", "64", "--ghost-batch", "16",
+TINY_ARGS = ["--epochs", "3", "--width", "8", "--batch-size", "32", "--ghost-batch", "16", "--base-lr", "0.1",
              "--eval-batch", "256", "--threads", "1", "--tta-runs", "2", "--device", "cpu", "--top-k", "2"]
 
 
 def tiny_config(data_dir: Path, out: Path, **overrides) -> "om.Config":
     values = dict(data_dir=str(data_dir), results_dir=str(out / "results"),
-                  submission_path=str(out / "submission.csv"), epochs=3, width=4, batch_size=64,
+                  submission_path=str(out / "submission.csv"), epochs=3, width=8, batch_size=32, base_lr=0.1,
                   ghost_batch=16, eval_batch=256, threads=1, tta_runs=2, device="cpu", top_k=2)
     values.update(overrides)
     return om.default_config(**values)
