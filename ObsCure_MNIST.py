@@ -56,9 +56,9 @@ NUM_CLASSES = 10
 
 # Optimization
 SEED = 42
-EPOCHS = 16
+EPOCHS = 24
 BATCH_SIZE = 256  # images per optimizer step
-BASE_LR = 0.05  # peak learning rate of the cosine schedule
+BASE_LR = 0.2  # peak learning rate of the cosine schedule
 ETA_MIN = 1e-6  # learning rate at the end of the cosine schedule
 MOMENTUM = 0.9
 WEIGHT_DECAY = 5e-4
@@ -81,7 +81,7 @@ CUTMIX_BETA = 0.35  # CutMix's lambda ~ Beta(beta, beta) before box clipping
 
 # Stochastic weight averaging
 SWA_START = 0.75  # fraction of epochs trained with the cosine schedule before SWA
-SWA_LR = 0.005  # constant learning rate during SWA
+SWA_LR = 0.01  # constant learning rate during SWA
 GHOST_BN_UPDATE_BATCH = 512  # images per batch when SWA's batch-norm statistics are recomputed
 
 # Evaluation and ensembling
@@ -152,7 +152,7 @@ CONFIG_HELP = {
 # cannot be loaded into this model.
 MODEL_KEYS = ("width", "ghost_batch", "num_classes")
 
-# Keys that only say where and how fast to run; a resumed run may change them.
+# Keys that set only where and how fast the run goes; a resumed run may change them.
 RUNTIME_KEYS = (
     "data_dir", "results_dir", "submission_path", "device", "compile", "threads",
     "resume", "overwrite", "eval_batch",
@@ -271,7 +271,7 @@ class CsvSource:
 
 @dataclasses.dataclass
 class DataSource:
-    """Where the images come from: Kaggle CSVs or torchvision's MNIST."""
+    """Image source: Kaggle CSVs or torchvision's MNIST."""
 
     kind: str  # "csv" or "mnist"
     train: CsvSource | None = None
@@ -657,8 +657,8 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
         return super().extra_repr() + f", ghost_batch={self.ghost_batch}"
 
     def _normalize_groups(self, x: torch.Tensor, groups: int):
-        # (groups*size, C, H, W) -> (size, groups*C, H, W): one batch_norm call
-        # then sees each (group, channel) pair as its own channel.
+        # Fold (groups*size, C, H, W) into (size, groups*C, H, W), so that one
+        # batch_norm call treats each (group, channel) pair as its own channel.
         size = x.shape[0] // groups
         channels, height, width = x.shape[1:]
         folded = x.reshape(groups, size, channels, height, width).transpose(0, 1)
@@ -687,7 +687,7 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
-                if self.momentum is None:  # cumulative average, as update_bn asks
+                if self.momentum is None:  # cumulative average, which update_bn requests
                     factor = 1.0 / float(self.num_batches_tracked)
                 else:
                     factor = self.momentum
@@ -1091,10 +1091,11 @@ def seed_everything(seed: int) -> np.random.Generator:
 
 
 def rng_state(host_rng: np.random.Generator) -> dict:
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy_global": [str(v) if isinstance(v, str) else (v.tolist() if hasattr(v, "tolist") else v)
-                         for v in np.random.get_state()],
+        # Plain lists and ints, because weights_only loading rejects numpy arrays.
+        "numpy_global": [kind, keys.tolist(), position, has_gauss, cached_gaussian],
         "host": host_rng.bit_generator.state,
         "torch": torch.get_rng_state(),
     }

@@ -126,7 +126,8 @@ def test_existing_outputs_are_not_overwritten(finished_run, tiny_data):
     last_before = (out / "results" / "mnist_seed42_last.pth").read_bytes()
     result = run_cli(cli_args(tiny_data, out))
     assert result.returncode == 2
-    assert "--resume" in result.stderr and "--overwrite" in result.stderr
+    assert "--resume" in result.stderr
+    assert "--overwrite" in result.stderr
     assert "mnist_seed42_" in result.stderr
     assert (out / "submission.csv").read_bytes() == before
     assert (out / "results" / "mnist_seed42_last.pth").read_bytes() == last_before
@@ -163,7 +164,8 @@ def test_resume_from_truncated_checkpoint_fails_clearly(finished_run, tiny_data,
     last.write_bytes(last.read_bytes()[:4096])
     result = run_cli(cli_args(tiny_data, copy, "--resume"))
     assert result.returncode == 2
-    assert "truncated" in result.stderr and "mnist_seed42_last.pth" in result.stderr
+    assert "truncated" in result.stderr
+    assert "mnist_seed42_last.pth" in result.stderr
 
 
 def test_non_finite_loss_stops_with_message(tiny_data, tmp_path):
@@ -220,7 +222,7 @@ def test_interrupted_run_resumes_exactly(finished_run, tiny_data, tmp_path, sign
     assert checkpoints == sorted(p.name for p in (reference / "results").glob("*_ckpt_epoch*.pth"))
 
 
-def test_second_ctrl_c_exits_at_once_and_keeps_files(tiny_data, tmp_path):
+def test_second_sigint_keeps_files_whole(tiny_data, tmp_path):
     args = cli_args(tiny_data, tmp_path)
     returncode, _ = run_until_epoch_then_signal(args, signal.SIGINT, second_signal=True)
     assert returncode == 130

@@ -215,4 +215,25 @@ def test_loader_returns_data_or_clear_error(tmp_path, rows, header_drop):
         return
     assert x.dtype == np.uint8
     assert x.shape == (len(rows), 28, 28)
-    assert y.min() >= 0 and y.max() <= 9
+    assert y.min() >= 0
+    assert y.max() <= 9
+
+
+def test_leakage_report_counts_and_warns(capsys):
+    train_x, train_y = synthetic_digits(200, seed=0)
+    data = om.Dataset(train_x=train_x[:150], train_y=train_y[:150], val_x=train_x[[150, 3]], val_y=train_y[[150, 3]],
+                      test_x=np.concatenate([train_x[:40], synthetic_digits(10, seed=9)[0]]), test_y=None,
+                      source="synthetic")
+    counts = om.report_leakage(data)
+    assert counts == {"test_in_train": 40, "val_in_train": 1}
+    captured = capsys.readouterr()
+    assert "40 of 50 test images" in captured.out
+    assert "leaderboard" in captured.err
+
+
+def test_submission_checked_against_sample(tmp_path):
+    with pytest.raises(om.InputError, match="sample_submission.csv"):
+        om.write_submission(np.zeros(5), tmp_path / "submission.csv", sample_ids=np.arange(1, 7))
+    assert not (tmp_path / "submission.csv").exists()
+    om.write_submission(np.array([3, 1, 4]), tmp_path / "submission.csv", sample_ids=np.arange(1, 4))
+    assert (tmp_path / "submission.csv").read_text() == "ImageId,Label\n1,3\n2,1\n3,4\n"
