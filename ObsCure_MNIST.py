@@ -1027,6 +1027,7 @@ def train_one_epoch(model, optimizer, scheduler, scaler, train_x, train_y, cfg: 
     # 50 steps; on the CPU the check costs nothing.
     check_every = 1 if device.type == "cpu" else 50
     first_bad_step = torch.full((), -1, device=device, dtype=torch.long)
+    step_on_device = torch.zeros((), device=device, dtype=torch.long)
 
     bar = None
     if progress:
@@ -1061,8 +1062,8 @@ def train_one_epoch(model, optimizer, scheduler, scaler, train_x, train_y, cfg: 
 
         with torch.no_grad():
             loss = loss.detach()
-            first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss),
-                                         torch.tensor(step, device=device), first_bad_step)
+            step_on_device += 1
+            first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss), step_on_device, first_bad_step)
             hits = (logits.argmax(1) == y).float()
             if y_b is not None:
                 hits = lam * hits + (1 - lam) * (logits.argmax(1) == y_b).float()

@@ -70,10 +70,6 @@ def test_lookahead_state_dict_roundtrip_weights_only():
     copy = om.Lookahead(torch.optim.SGD(copy_model.parameters(), lr=0.1, momentum=0.9), k=5, alpha=0.5)
     copy.load_state_dict(state)
     assert copy.param_groups is copy.base_optimizer.param_groups
-    scheduler = torch.optim.lr_scheduler.StepLR(copy, step_size=1, gamma=0.5)
-    scheduler.step()
-    assert copy.base_optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
-    copy.base_optimizer.param_groups[0]["lr"] = 0.1
     assert copy.fast_steps == 7
     torch.testing.assert_close(copy.slow_weights[0][0], lookahead.slow_weights[0][0])
     for _ in range(4):
