@@ -1690,13 +1690,19 @@ def finish(cfg: Config, data: Dataset, device: torch.device, train_info: dict | 
         print(f"  {'ensemble':>10}: test {format_accuracy(test_acc, len(data.test_y))} (torchvision MNIST labels)")
     print(f"Wrote {paths['submission']} ({len(labels):,} rows).", flush=True)
 
+    def interval(acc: float | None) -> list[float] | None:
+        if acc is None:
+            return None
+        return list(wilson_interval(int(round(acc * validation / 100)), validation))
+
     summary = {
-        "members": [{"label": label, "file": name, "val_acc": result.member_val_acc[label]}
+        "members": [{"label": label, "file": name, "val_acc": result.member_val_acc[label],
+                     "val_ci95": interval(result.member_val_acc[label])}
                     for (label, _, _), name in zip(members, result.members)],
         "swa_val_acc": result.member_val_acc.get("SWA"),
+        "swa_val_ci95": interval(result.member_val_acc.get("SWA")),
         "ensemble_val_acc": result.val_acc,
-        "ensemble_val_ci95": list(wilson_interval(int(round(result.val_acc * validation / 100)), validation))
-        if result.val_acc is not None else None,
+        "ensemble_val_ci95": interval(result.val_acc),
         "validation_images": validation,
         "test_acc": test_acc,
         "submission": str(paths["submission"]),

@@ -104,6 +104,10 @@ def test_end_to_end_writes_every_output(finished_run):
     assert summary["versions"]["torch"] == torch.__version__
     assert summary["duplicates"] == {"test_in_train": 0, "val_in_train": 0}
     assert [m["label"] for m in summary["members"]][-1] == "SWA"
+    for member in summary["members"]:
+        member_low, member_high = member["val_ci95"]
+        assert member_low <= member["val_acc"] <= member_high
+    assert summary["swa_val_ci95"] == summary["members"][-1]["val_ci95"]
     assert "ensemble: validation" in result.stdout
 
 
