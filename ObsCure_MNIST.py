@@ -914,6 +914,8 @@ def precision_for(device: torch.device, cpu_bf16: bool) -> tuple[torch.dtype | N
     GradScaler. The CPU uses bfloat16 when cpu_bf16 is set and never a scaler,
     because bfloat16 has float32's exponent range.
     """
+    # NOTE: the CUDA branches (here, the GradScaler and cudnn.benchmark in run)
+    # have not yet been run on a GPU; the tests cover the CPU path only.
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported():
             return torch.bfloat16, False

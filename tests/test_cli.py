@@ -109,6 +109,9 @@ def test_end_to_end_writes_every_output(finished_run):
         assert member_low <= member["val_acc"] <= member_high
     assert summary["swa_val_ci95"] == summary["members"][-1]["val_ci95"]
     assert "ensemble: validation" in result.stdout
+    # Not a terminal: no progress bar, one table row per epoch instead.
+    assert "\r" not in result.stderr
+    assert [line.split()[0] for line in result.stdout.splitlines() if "/3 " in line] == ["1/3", "2/3", "3/3"]
 
 
 def test_last_checkpoint_records_schedule_and_no_scaler(finished_run):
