@@ -105,11 +105,11 @@ OVERWRITE = False  # replace outputs of an earlier run with the same prefix
 CONFIG_HELP = {
     "DATA_DIR": "folder with train.csv and test.csv (plain or .gz), or Kaggle's digit-recognizer.zip; "
     "without them torchvision's MNIST is downloaded there",
-    "TRAIN_LIMIT": "training rows used, 0 = all (rows)",
+    "TRAIN_LIMIT": "number of training rows used, 0 = all",
     "VAL_FRACTION": "share of training rows held out for validation, 0 = train on all (fraction)",
     "WIDTH": "channels of the first stage, later stages 2x and 4x (channels)",
     "GHOST_BATCH": "images per ghost batch-norm group (images)",
-    "NUM_CLASSES": "output classes (classes)",
+    "NUM_CLASSES": "number of output classes",
     "SEED": "seed of the split, the initial weights and the augmentation",
     "EPOCHS": "passes over the training set (epochs)",
     "BATCH_SIZE": "images per optimizer step (images)",
@@ -1330,6 +1330,7 @@ def output_paths(cfg: Config) -> dict:
         "last": results / f"{prefix}_last.pth",
         "history": results / f"{prefix}_history.json",
         "summary": results / f"{prefix}_summary.json",
+        "predict_summary": results / f"{prefix}_predict_summary.json",
         "submission": Path(cfg.submission_path),
     }
 
@@ -1365,6 +1366,8 @@ def plot_history(history: list[dict], swa_epoch: int, results_dir: Path, prefix:
     if not history:
         return []
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     epochs = [h["epoch"] for h in history]
     written = []
     for key, ylabel, name in (("loss", "cross-entropy loss", "train_loss"), ("acc", "accuracy (%)", "acc")):
@@ -1378,9 +1381,12 @@ def plot_history(history: list[dict], swa_epoch: int, results_dir: Path, prefix:
         ax.set_ylabel(ylabel)
         ax.set_title(f"{prefix}: {'loss' if key == 'loss' else 'accuracy'} per epoch")
         if key == "acc":
+            # Zoom in on the high end, where MNIST runs differ, but keep every
+            # point of a short or failed run in view.
             values = [h["val_acc"] for h in history if h["val_acc"] is not None]
-            if values:
-                ax.set_ylim(max(min(values) - 1.0, 90.0), 100.0)
+            values += [h["train_acc"] for h in history[len(history) // 2:]]
+            ax.set_ylim(max(min(values) - 1.0, 0.0), 100.2)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
         path = results_dir / f"{prefix}_{name}.png"
@@ -1395,6 +1401,7 @@ def plot_history(history: list[dict], swa_epoch: int, results_dir: Path, prefix:
     ax.set_xlabel("epoch")
     ax.set_ylabel("learning rate")
     ax.set_title(f"{prefix}: learning-rate schedule")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend()
     path = results_dir / f"{prefix}_lr.png"
@@ -1426,7 +1433,7 @@ def plot_diagnostics(result: EnsembleResult, data: Dataset, results_dir: Path, p
         ax.set_yticks(range(classes))
         ax.set_xlabel("predicted digit")
         ax.set_ylabel("true digit")
-        ax.set_title(f"{prefix}: validation confusion matrix (ensemble)")
+        ax.set_title("validation confusion matrix (ensemble)")
         fig.colorbar(image, ax=ax, label="log(1 + images)")
         path = results_dir / f"{prefix}_confusion.png"
         _save_figure(fig, path)
@@ -1444,7 +1451,7 @@ def plot_diagnostics(result: EnsembleResult, data: Dataset, results_dir: Path, p
     confidence = result.test_probs.max(1).values.numpy()
     unsure = np.argsort(confidence)[:40]
     predictions = result.test_probs.argmax(1).numpy()
-    captions = [f"ImageId {i + 1}: {predictions[i]}\n{100 * confidence[i]:.0f} %" for i in unsure]
+    captions = [f"ImageId {i + 1}: {predictions[i]}\n{100 * confidence[i]:.0f} % sure" for i in unsure]
     path = results_dir / f"{prefix}_test_least_confident.png"
     _digit_grid(plt, data.test_x[unsure], captions, f"{prefix}: test digits the ensemble is least sure of", path)
     written.append(path)
@@ -1499,15 +1506,17 @@ def _format_duration(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
-def check_resume_config(saved: dict, cfg: Config, path: Path) -> Config:
-    """Return the config to resume with: the saved one, with the runtime keys from cfg.
+def check_resume_config(saved: dict, cfg: Config, path: Path, predict_only: bool = False) -> Config:
+    """Return the config to continue with: the saved one, with the runtime keys from cfg.
 
-    A change to a model key raises InputError; changes to other keys are
-    reported and replaced by the saved values, which exact continuation needs.
+    When resuming, a change to a model key raises InputError. Changes to other
+    keys (and, for predict_only, to model keys) are reported and replaced by
+    the saved values, which exact continuation and the same validation split
+    need.
     """
     current = config_dict(cfg)
     changed_model = [k for k in MODEL_KEYS if saved.get(k) != current[k]]
-    if changed_model:
+    if changed_model and not predict_only:
         details = ", ".join(f"--{k.replace('_', '-')} {current[k]} (saved: {saved.get(k)})" for k in changed_model)
         raise InputError(f"{path}: cannot resume, the model changed: {details}; "
                          "resume with the saved values, or start a new run with --overwrite or another --save-prefix")
@@ -1518,7 +1527,8 @@ def check_resume_config(saved: dict, cfg: Config, path: Path) -> Config:
             ignored.append(f"{key}={merged[key]!r} (kept {value!r})")
             merged[key] = value
     if ignored:
-        print("warning: resuming keeps the saved settings; ignored: " + ", ".join(ignored), file=sys.stderr)
+        action = "--predict-only uses" if predict_only else "resuming keeps"
+        print(f"warning: {action} the settings saved in {path}; ignored: " + ", ".join(ignored), file=sys.stderr)
     return Config(**merged)
 
 
@@ -1579,13 +1589,21 @@ def fit(cfg: Config, data: Dataset, device: torch.device, stop: StopFlag | None 
             if path.name not in kept:
                 path.unlink()
         print(f"Resuming from {paths['last']} after epoch {start_epoch - 1} of {cfg.epochs}.", flush=True)
+        if start_epoch > cfg.epochs:
+            print("All epochs are trained already; rebuilding the ensemble and the submission.", flush=True)
 
-    print(f"Training WideSmallResNet width {cfg.width} ({sum(p.numel() for p in model.parameters()):,} parameters) "
-          f"on {len(data.train_y):,} images, validating on {len(data.val_y):,}; device {device}, "
-          f"precision {str(amp_dtype).replace('torch.', '') if amp_dtype else 'float32'}"
-          f"{' with GradScaler' if scaler else ''}; SWA from epoch {min(swa_epoch, cfg.epochs + 1)}, "
-          f"light augmentation from epoch {light_first_epoch(cfg)}.", flush=True)
-    _print_row(ROW_HEADER, ROW_WIDTHS)
+    if swa_epoch <= cfg.epochs:
+        swa_text = f"SWA at a constant learning rate from epoch {swa_epoch}"
+    else:
+        swa_text = "no SWA epochs (the SWA model is the last epoch's weights)"
+    light = light_first_epoch(cfg)
+    light_text = f"light augmentation from epoch {light}" if light <= cfg.epochs else "no light-augmentation epochs"
+    if start_epoch <= cfg.epochs:
+        print(f"Training WideSmallResNet width {cfg.width} ({sum(p.numel() for p in model.parameters()):,} "
+              f"parameters) on {len(data.train_y):,} images, validating on {len(data.val_y):,}; device {device}, "
+              f"precision {str(amp_dtype).replace('torch.', '') if amp_dtype else 'float32'}"
+              f"{' with GradScaler' if scaler else ''}; {swa_text}; {light_text}.", flush=True)
+        _print_row(ROW_HEADER, ROW_WIDTHS)
     run_start = time.perf_counter()
     epoch_seconds = []
 
@@ -1681,7 +1699,8 @@ def finish(cfg: Config, data: Dataset, device: torch.device, train_info: dict | 
     write_submission(labels, paths["submission"], data.sample_submission_ids)
 
     validation = len(data.val_y)
-    print(f"Ensemble of {len(members)} with {cfg.tta_runs} test-time views:", flush=True)
+    views = "1 test-time view" if cfg.tta_runs == 1 else f"{cfg.tta_runs} test-time views"
+    print(f"Ensemble of {len(members)} checkpoints with {views}:", flush=True)
     for label, acc in result.member_val_acc.items():
         print(f"  {label:>10}: validation {format_accuracy(acc, validation) if acc is not None else 'n/a'}")
     if result.val_acc is not None:
@@ -1715,7 +1734,6 @@ def finish(cfg: Config, data: Dataset, device: torch.device, train_info: dict | 
                     "ensemble": time.perf_counter() - started},
         "config": config_dict(cfg),
     }
-    save_json(summary, paths["summary"])
     history = train_info["history"] if train_info else []
     if history:
         plot_history(history, swa_first_epoch(cfg), results, prefix)
@@ -1737,6 +1755,16 @@ def report_leakage(data: Dataset) -> dict:
     return {"test_in_train": test_in_train, "val_in_train": val_in_train}
 
 
+def saved_config_path(cfg: Config) -> Path | None:
+    """Return the file whose stored config describes the run in RESULTS_DIR, or None."""
+    last = output_paths(cfg)["last"]
+    if last.exists():
+        return last
+    results, prefix = Path(cfg.results_dir), save_prefix(cfg)
+    checkpoints = sorted(results.glob(f"{prefix}_ckpt_epoch*.pth")) + sorted(results.glob(f"{prefix}_swa_epoch*.pth"))
+    return checkpoints[0] if checkpoints else None
+
+
 def run(cfg: Config, predict_only: bool = False) -> dict:
     """Run training (unless predict_only) and the ensemble: the whole program behind main()."""
     if cfg.threads:
@@ -1751,6 +1779,9 @@ def run(cfg: Config, predict_only: bool = False) -> dict:
             raise InputError(f"--resume: {paths['last']} not found; start a new run without --resume")
         if not cfg.resume and not cfg.overwrite:
             existing = existing_outputs(cfg)
+            if existing == [paths["submission"]]:
+                raise InputError(f"{paths['submission']} exists already; pass --overwrite to replace it, "
+                                 "or another --submission-path")
             if existing:
                 names = ", ".join(str(p) for p in existing[:6]) + (" ..." if len(existing) > 6 else "")
                 raise InputError(f"outputs of an earlier run exist: {names}; pass --resume to continue it, "
@@ -1758,6 +1789,11 @@ def run(cfg: Config, predict_only: bool = False) -> dict:
         if cfg.resume:
             saved = load_checkpoint(paths["last"]).get("config", {})
             cfg = check_resume_config(saved, cfg, paths["last"])
+    else:
+        saved_path = saved_config_path(cfg)
+        if saved_path is not None:
+            saved = load_checkpoint(saved_path).get("config", {})
+            cfg = check_resume_config(saved, cfg, saved_path, predict_only=True)
 
     with StopFlag() as stop:
         return _run_steps(cfg, paths, device, predict_only, stop)
@@ -1777,7 +1813,7 @@ def _run_steps(cfg: Config, paths: dict, device: torch.device, predict_only: boo
     train_info = None if predict_only else fit(cfg, data, device, stop)
     summary = finish(cfg, data, device, train_info, stop)
     summary["duplicates"] = leakage
-    save_json(summary, paths["summary"])
+    save_json(summary, paths["predict_summary" if predict_only else "summary"])
     return summary
 
 

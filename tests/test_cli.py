@@ -147,6 +147,29 @@ def test_predict_only_rebuilds_identical_submission(finished_run, tiny_data, tmp
     assert (tmp_path / "again.csv").read_bytes() == (out / "submission.csv").read_bytes()
 
 
+def test_predict_only_uses_saved_settings(finished_run, tiny_data, tmp_path):
+    out, _ = finished_run
+    summary_before = (out / "results" / "mnist_seed42_summary.json").read_bytes()
+    args = ["--data-dir", str(tiny_data), "--results-dir", str(out / "results"), "--threads", "1",
+            "--submission", str(tmp_path / "again.csv"), "--predict-only"]
+    result = run_cli(args)
+    assert result.returncode == 0, result.stderr
+    assert "width=16 (kept 8)" in result.stderr
+    assert "540 training, 60 validation" in result.stdout
+    assert (tmp_path / "again.csv").read_bytes() == (out / "submission.csv").read_bytes()
+    assert (out / "results" / "mnist_seed42_summary.json").read_bytes() == summary_before
+    predict_summary = json.loads((out / "results" / "mnist_seed42_predict_summary.json").read_text())
+    assert predict_summary["config"]["width"] == 8
+
+
+def test_existing_submission_alone_needs_overwrite(finished_run, tiny_data):
+    out, _ = finished_run
+    result = run_cli(cli_args(tiny_data, out, "--save-prefix", "other"))
+    assert result.returncode == 2
+    assert "submission.csv exists already" in result.stderr
+    assert "--resume" not in result.stderr
+
+
 def test_predict_only_without_checkpoints_fails_clearly(tiny_data, tmp_path):
     result = run_cli(cli_args(tiny_data, tmp_path, "--predict-only"))
     assert result.returncode == 2
