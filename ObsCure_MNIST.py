@@ -25,9 +25,11 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import sys
 import time
+import warnings
 import zipfile
 import zlib
 from pathlib import Path
@@ -219,17 +221,22 @@ def validate_config(cfg: Config) -> None:
         fail("eta_min" if cfg.eta_min < 0 else "weight_decay", "must be 0 or more")
     if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
         fail("device", "choose auto, cpu, cuda or cuda:N")
-    if not cfg.save_prefix.strip() or "/" in cfg.save_prefix or "\\" in cfg.save_prefix:
-        fail("save_prefix", "must be a non-empty file-name prefix without slashes")
-    try:
-        cfg.save_prefix.format(seed=cfg.seed)
-    except (KeyError, IndexError, ValueError) as error:
-        fail("save_prefix", f"only the placeholder {{seed}} is allowed ({error})")
+    # Prefixes also become glob-free file-name patterns, so only plain
+    # characters are allowed, and no leading dot (temp files use one).
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", cfg.save_prefix.replace("{seed}", "0")):
+        fail("save_prefix", "use up to 100 letters, digits, '_', '-' or '.', not starting with '.', "
+                            "plus the placeholder {seed}")
+    if not 0 <= cfg.seed < 2**32:
+        fail("seed", "must be in [0, 2**32)")
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(field.name, "must be a finite number")
 
 
 def save_prefix(cfg: Config) -> str:
     """Return the output file-name prefix with {seed} filled in."""
-    return cfg.save_prefix.format(seed=cfg.seed)
+    return cfg.save_prefix.replace("{seed}", str(cfg.seed))
 
 
 def config_dict(cfg: Config) -> dict:
@@ -314,7 +321,7 @@ def _csv_sources_in_zip(path: Path) -> DataSource:
         raise InputError(f"{path}: not a readable zip archive ({error}); download it again") from error
     found = {}
     for stem in ("train.csv", "test.csv", "sample_submission.csv"):
-        matches = [n for n in names if Path(n).name in (stem, stem + ".gz")]
+        matches = [n for n in names if Path(n).name in (stem, stem + ".gz") and not n.startswith("__MACOSX/")]
         if matches:
             found[stem] = CsvSource(name=f"{path}:{matches[0]}", path=path, member=matches[0])
     missing = [stem for stem in ("train.csv", "test.csv") if stem not in found]
@@ -356,16 +363,20 @@ def locate_data(data_dir: str | os.PathLike) -> DataSource:
 
 
 def _read_header(source: CsvSource) -> list[str]:
+    # The csv module, unlike pandas, keeps duplicate names as they are.
     try:
         with source.open_binary() as stream:
-            columns = list(pd.read_csv(stream, nrows=0).columns)
-    except pd.errors.EmptyDataError:
-        raise InputError(f"{source.name}: the file is empty; download it again") from None
-    except (EOFError, OSError, zlib.error, UnicodeDecodeError, zipfile.BadZipFile) as error:
+            text = io.TextIOWrapper(stream, encoding="utf-8-sig", newline="")
+            header = next((row for row in csv.reader(text) if row), None)
+    except (EOFError, OSError, zlib.error, zipfile.BadZipFile) as error:
         raise InputError(f"{source.name}: cannot read the file, it is truncated or corrupt ({error}); download it again") from error
-    except pd.errors.ParserError as error:
+    except UnicodeDecodeError as error:
+        raise InputError(f"{source.name}: the header is not UTF-8 text ({error}); save the file as UTF-8 CSV") from error
+    except csv.Error as error:
         raise InputError(f"{source.name}: the header line is not valid CSV ({error})") from error
-    return [str(c) for c in columns]
+    if header is None:
+        raise InputError(f"{source.name}: the file is empty; download it again")
+    return [c.strip() for c in header]
 
 
 def _check_header(source: CsvSource, columns: list[str], with_label: bool) -> bool:
@@ -375,6 +386,9 @@ def _check_header(source: CsvSource, columns: list[str], with_label: bool) -> bo
             f"{source.name}: the first column {columns[0]!r} looks like a pandas index; "
             "save the file with DataFrame.to_csv(index=False) or delete that column"
         )
+    duplicates = sorted({c for c in columns if columns.count(c) > 1})
+    if duplicates:
+        raise InputError(f"{source.name}: duplicate column name(s) {', '.join(duplicates[:5])} in the header")
     has_label = "label" in columns
     if with_label and not has_label:
         raise InputError(f"{source.name}: no 'label' column; a training file needs label,pixel0,...,pixel783")
@@ -385,17 +399,15 @@ def _check_header(source: CsvSource, columns: list[str], with_label: bool) -> bo
     missing = [c for c in PIXEL_COLUMNS if c not in columns]
     if missing:
         raise InputError(f"{source.name}: missing column(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; expected pixel0 to pixel783")
-    if len(columns) != len(set(columns)):
-        raise InputError(f"{source.name}: duplicate column names in the header")
     return has_label
 
 
-def _diagnose_rows(source: CsvSource, columns: list[str]) -> None:
+def _diagnose_rows(source: CsvSource, columns: list[str], with_label: bool) -> None:
     """Scan the file row by row and raise InputError at the first malformed cell."""
     label_index = columns.index("label") if "label" in columns else -1
     try:
         with source.open_binary() as stream:
-            reader = csv.reader(io.TextIOWrapper(stream, encoding="utf-8", newline=""))
+            reader = csv.reader(io.TextIOWrapper(stream, encoding="utf-8-sig", newline=""))
             next(reader)
             for row in reader:
                 if not row:
@@ -404,6 +416,8 @@ def _diagnose_rows(source: CsvSource, columns: list[str]) -> None:
                 if len(row) != len(columns):
                     raise InputError(f"{where}: {len(row)} values, the header has {len(columns)}; fix or delete this row")
                 for index, cell in enumerate(row):
+                    if index == label_index and not with_label:
+                        continue  # test.csv labels are ignored, whatever they hold
                     column = columns[index]
                     text = cell.strip()
                     if text == "":
@@ -442,9 +456,15 @@ def read_digits_csv(source: CsvSource, with_label: bool) -> tuple[np.ndarray, np
         print(f"warning: {source.name} has a 'label' column; it is ignored for prediction", file=sys.stderr)
 
     images, labels, rows_before = [], [], 0
+    # A label column of test.csv is read as text and dropped, so it may hold anything.
+    dtypes = {column: (np.int32 if with_label or column != "label" else object) for column in columns}
     try:
-        with source.open_binary() as stream:
-            for chunk in pd.read_csv(stream, dtype=np.int32, chunksize=CSV_CHUNK_ROWS, engine="c"):
+        # pandas warns (RuntimeWarning) when it casts huge floats such as 1e20
+        # to int32; the range check below reports those values instead.
+        with source.open_binary() as stream, warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            for chunk in pd.read_csv(stream, dtype=dtypes, chunksize=CSV_CHUNK_ROWS, engine="c",
+                                     encoding="utf-8-sig"):
                 pixels = chunk[PIXEL_COLUMNS].to_numpy()
                 bad = (pixels < 0) | (pixels > 255)
                 if bad.any():
@@ -452,7 +472,7 @@ def read_digits_csv(source: CsvSource, with_label: bool) -> tuple[np.ndarray, np
                     raise InputError(f"{source.name}, data row {rows_before + row + 1}, column pixel{col}: "
                                      f"pixel {pixels[row, col]} is outside 0-255")
                 images.append(pixels.astype(np.uint8))
-                if has_label:
+                if with_label:
                     chunk_labels = chunk["label"].to_numpy()
                     bad_rows = np.flatnonzero((chunk_labels < 0) | (chunk_labels > 9))
                     if bad_rows.size:
@@ -464,7 +484,7 @@ def read_digits_csv(source: CsvSource, with_label: bool) -> tuple[np.ndarray, np
     except (ValueError, OverflowError, pd.errors.ParserError) as error:
         if isinstance(error, InputError):
             raise
-        _diagnose_rows(source, columns)
+        _diagnose_rows(source, columns, with_label)
         raise InputError(f"{source.name}: cannot parse the file ({error})") from error
     except (EOFError, OSError, zlib.error, zipfile.BadZipFile) as error:
         raise InputError(f"{source.name}: cannot read the file, it is truncated or corrupt ({error}); download it again") from error
@@ -472,7 +492,7 @@ def read_digits_csv(source: CsvSource, with_label: bool) -> tuple[np.ndarray, np
     if rows_before == 0:
         raise InputError(f"{source.name}: the header is there but no data rows follow")
     x = np.concatenate(images).reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
-    y = np.concatenate(labels) if has_label and with_label else None
+    y = np.concatenate(labels) if with_label else None
     return x, y
 
 
@@ -530,11 +550,17 @@ def load_data(cfg: Config) -> Dataset:
         test_y = None
         if source.sample_submission is not None:
             sample_ids = _read_sample_ids(source.sample_submission)
+            if not np.array_equal(sample_ids, np.arange(1, len(test_x) + 1)):
+                raise InputError(f"{source.sample_submission.name}: its {len(sample_ids)} ImageIds are not 1 to "
+                                 f"{len(test_x)}, one per row of {source.test.name}; check that both files are complete")
     else:
         train_x, train_y, test_x, test_y = load_torchvision_mnist(source.mnist_root)
 
     if cfg.train_limit:
         train_x, train_y = train_x[: cfg.train_limit], train_y[: cfg.train_limit]
+    if train_y.max() >= cfg.num_classes:
+        raise InputError(f"{source.describe()}: labels go up to {train_y.max()}, but --num-classes is {cfg.num_classes}; "
+                         "use --num-classes 10 for digits")
     missing = sorted(set(range(cfg.num_classes)) - set(np.unique(train_y).tolist()))
     if missing:
         raise InputError(
@@ -542,6 +568,9 @@ def load_data(cfg: Config) -> Dataset:
             "every class needs examples (a small --train-limit can cause this)"
         )
     train_rows, val_rows = stratified_split(train_y, cfg.val_fraction, cfg.seed)
+    if len(train_rows) < cfg.num_classes:
+        raise InputError(f"--val-fraction {cfg.val_fraction} leaves {len(train_rows)} of {len(train_y)} rows for "
+                         "training; lower it or use more rows")
     return Dataset(
         train_x=train_x[train_rows], train_y=train_y[train_rows],
         val_x=train_x[val_rows], val_y=train_y[val_rows],
@@ -1230,6 +1259,18 @@ def model_from_checkpoint(checkpoint: dict, path: Path, device: torch.device) ->
     return model.to(device=device, memory_format=torch.channels_last)
 
 
+def run_checkpoints(results_dir: Path, prefix: str, kind: str) -> list[tuple[int, Path]]:
+    """Return [(epoch, path)] of PREFIX_{kind}_epochN.pth files, by epoch; other names are ignored."""
+    pattern = re.compile(re.escape(prefix) + "_" + kind + r"_epoch(\d+)\.pth")
+    found = []
+    if results_dir.is_dir():
+        for path in results_dir.iterdir():
+            match = pattern.fullmatch(path.name)
+            if match and path.is_file():
+                found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
 def ensemble_members(results_dir: Path, prefix: str, top_k: int) -> list[tuple[str, Path, dict]]:
     """Return [(label, path, checkpoint)] for the top_k epoch checkpoints and the newest SWA checkpoint.
 
@@ -1237,16 +1278,17 @@ def ensemble_members(results_dir: Path, prefix: str, top_k: int) -> list[tuple[s
     ensemble sums probabilities in the same order and writes the same bytes.
     """
     epochs = []
-    for path in sorted(results_dir.glob(f"{prefix}_ckpt_epoch*.pth")):
+    for epoch, path in run_checkpoints(results_dir, prefix, "ckpt"):
         checkpoint = load_checkpoint(path)
-        epochs.append(({"epoch": int(checkpoint["epoch"]), "val_acc": checkpoint.get("val_acc"),
+        if not isinstance(checkpoint, dict) or "model" not in checkpoint:
+            raise InputError(f"{path}: not a checkpoint of this script (no model weights); move it out of {results_dir}")
+        epochs.append(({"epoch": epoch, "val_acc": checkpoint.get("val_acc"),
                         "val_loss": checkpoint.get("val_loss")}, path, checkpoint))
     epochs.sort(key=lambda item: rank_key(item[0]))
     members = [(f"epoch {entry['epoch']}", path, ckpt) for entry, path, ckpt in epochs[:top_k]]
-    swa = sorted(results_dir.glob(f"{prefix}_swa_epoch*.pth"),
-                 key=lambda p: int(p.stem.rsplit("epoch", 1)[1]))
+    swa = run_checkpoints(results_dir, prefix, "swa")
     if swa:
-        members.append(("SWA", swa[-1], load_checkpoint(swa[-1])))
+        members.append(("SWA", swa[-1][1], load_checkpoint(swa[-1][1])))
     return members
 
 
@@ -1338,8 +1380,7 @@ def output_paths(cfg: Config) -> dict:
 def existing_outputs(cfg: Config) -> list[Path]:
     results = Path(cfg.results_dir)
     prefix = save_prefix(cfg)
-    found = sorted(results.glob(f"{prefix}_*")) if results.is_dir() else []
-    found = [p for p in found if not p.name.startswith(".")]
+    found = sorted(p for p in results.iterdir() if p.name.startswith(prefix + "_")) if results.is_dir() else []
     submission = Path(cfg.submission_path)
     if submission.exists():
         found.append(submission)
@@ -1543,8 +1584,9 @@ def fit(cfg: Config, data: Dataset, device: torch.device, stop: StopFlag | None 
     results.mkdir(parents=True, exist_ok=True)
     prefix = save_prefix(cfg)
     paths = output_paths(cfg)
-    for temp in results.glob(f".{prefix}_*.tmp*"):  # left by a killed process
-        temp.unlink()
+    for temp in results.iterdir():  # temp files left by a killed process
+        if temp.name.startswith(f".{prefix}_") and ".tmp" in temp.name:
+            temp.unlink()
     amp_dtype, use_scaler = precision_for(device, cfg.cpu_bf16)
     if log_progress is None:
         log_progress = sys.stderr.isatty()
@@ -1585,7 +1627,7 @@ def fit(cfg: Config, data: Dataset, device: torch.device, stop: StopFlag | None 
         # A run killed between saving last.pth and deleting the checkpoints
         # that dropped out of the top k leaves them behind: delete them now.
         kept = {entry["path"] for entry in top_k}
-        for path in results.glob(f"{prefix}_ckpt_epoch*.pth"):
+        for _, path in run_checkpoints(results, prefix, "ckpt"):
             if path.name not in kept:
                 path.unlink()
         print(f"Resuming from {paths['last']} after epoch {start_epoch - 1} of {cfg.epochs}.", flush=True)
@@ -1694,6 +1736,12 @@ def finish(cfg: Config, data: Dataset, device: torch.device, train_info: dict | 
     if not members:
         raise InputError(f"no checkpoints named {prefix}_ckpt_epoch*.pth or {prefix}_swa_epoch*.pth in {results}; "
                          "train first, or pass the --results-dir and --save-prefix of an earlier run")
+    if paths["last"].exists():
+        listed = {entry["path"] for entry in load_checkpoint(paths["last"])["top_k"]}
+        missing = sorted(listed - {path.name for _, path, _ in members})
+        if missing:
+            print(f"warning: {', '.join(missing)} listed in {paths['last'].name} are missing from {results}; "
+                  "the ensemble has fewer members than the run had", file=sys.stderr)
     result = evaluate_ensemble(members, data, device, cfg, amp_dtype, stop)
     labels = result.test_probs.argmax(1).numpy()
     write_submission(labels, paths["submission"], data.sample_submission_ids)
@@ -1755,14 +1803,35 @@ def report_leakage(data: Dataset) -> dict:
     return {"test_in_train": test_in_train, "val_in_train": val_in_train}
 
 
+def check_output_locations(cfg: Config) -> None:
+    """Raise InputError before any training when the results folder or the submission cannot be written."""
+    results = Path(cfg.results_dir)
+    if results.exists() and not results.is_dir():
+        raise InputError(f"--results-dir {results} is a file; pass a folder")
+    try:
+        results.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"--results-dir {results}: cannot create the folder ({error})") from error
+    if not os.access(results, os.W_OK | os.X_OK):
+        raise InputError(f"--results-dir {results}: the folder is not writable; pick another one")
+    submission = Path(cfg.submission_path)
+    if not submission.name or submission.is_dir():
+        raise InputError(f"--submission-path {cfg.submission_path!r} is a folder; pass a file name such as submission.csv")
+    folder = submission.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"--submission-path {submission}: cannot write in {folder}; pick another path")
+
+
 def saved_config_path(cfg: Config) -> Path | None:
     """Return the file whose stored config describes the run in RESULTS_DIR, or None."""
     last = output_paths(cfg)["last"]
     if last.exists():
         return last
     results, prefix = Path(cfg.results_dir), save_prefix(cfg)
-    checkpoints = sorted(results.glob(f"{prefix}_ckpt_epoch*.pth")) + sorted(results.glob(f"{prefix}_swa_epoch*.pth"))
-    return checkpoints[0] if checkpoints else None
+    checkpoints = run_checkpoints(results, prefix, "ckpt") + run_checkpoints(results, prefix, "swa")
+    return checkpoints[0][1] if checkpoints else None
 
 
 def run(cfg: Config, predict_only: bool = False) -> dict:
@@ -1773,6 +1842,7 @@ def run(cfg: Config, predict_only: bool = False) -> dict:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     paths = output_paths(cfg)
+    check_output_locations(cfg)
 
     if not predict_only:
         if cfg.resume and not paths["last"].exists():
@@ -1808,8 +1878,10 @@ def _run_steps(cfg: Config, paths: dict, device: torch.device, predict_only: boo
 
     if not predict_only and cfg.overwrite and not cfg.resume:
         results = Path(cfg.results_dir)
-        for path in results.glob(f"{save_prefix(cfg)}_*.pth"):
+        doomed = run_checkpoints(results, save_prefix(cfg), "ckpt") + run_checkpoints(results, save_prefix(cfg), "swa")
+        for _, path in doomed:
             path.unlink()
+        paths["last"].unlink(missing_ok=True)
     train_info = None if predict_only else fit(cfg, data, device, stop)
     summary = finish(cfg, data, device, train_info, stop)
     summary["duplicates"] = leakage

@@ -272,3 +272,53 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
         om.atomic_write(target, failing_write)
     assert target.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["history.json"]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"save_prefix": ".hidden"}, "invalid --save-prefix"),
+    ({"save_prefix": "m*"}, "invalid --save-prefix"),
+    ({"save_prefix": "run[1]"}, "invalid --save-prefix"),
+    ({"save_prefix": "{seed.real}"}, "invalid --save-prefix"),
+    ({"seed": -1}, "invalid --seed -1"),
+    ({"eta_min": float("nan")}, "must be a finite number"),
+    ({"base_lr": float("inf")}, "invalid --base-lr inf"),
+])
+def test_config_rejects_unsafe_values(overrides, message):
+    with pytest.raises(om.InputError, match=message):
+        om.default_config(**overrides)
+
+
+def test_seed_placeholder_in_prefix():
+    assert om.save_prefix(om.default_config(save_prefix="run_{seed}_a", seed=7)) == "run_7_a"
+
+
+def test_unwritable_locations_fail_before_training(tiny_data, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = run_cli(cli_args(tiny_data, tmp_path, "--results-dir", str(blocker)))
+    assert result.returncode == 2
+    assert "is a file" in result.stderr
+    folder = tmp_path / "as_dir.csv"
+    folder.mkdir()
+    result = run_cli(cli_args(tiny_data, tmp_path, "--submission", str(folder)))
+    assert result.returncode == 2
+    assert "is a folder" in result.stderr
+    assert "Training" not in result.stdout
+
+
+def test_stray_checkpoint_names_are_ignored(finished_run, tiny_data, tmp_path):
+    out, _ = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    results = copy / "results"
+    first = sorted(results.glob("mnist_seed42_ckpt_epoch*.pth"))[0]
+    backup = results / (first.stem + ".bak.pth")
+    shutil.copy(first, backup)
+    shutil.copy(first, results / "mnist_seed42_swa_epoch3_old.pth")
+    result = run_cli(cli_args(tiny_data, copy, "--predict-only", "--submission", str(tmp_path / "again.csv")))
+    assert result.returncode == 0, result.stderr
+    assert "Ensemble of 3 checkpoints" in result.stdout
+    assert (tmp_path / "again.csv").read_bytes() == (out / "submission.csv").read_bytes()
+    resumed = run_cli(cli_args(tiny_data, copy, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert backup.exists()

@@ -237,3 +237,47 @@ def test_submission_checked_against_sample(tmp_path):
     assert not (tmp_path / "submission.csv").exists()
     om.write_submission(np.array([3, 1, 4]), tmp_path / "submission.csv", sample_ids=np.arange(1, 4))
     assert (tmp_path / "submission.csv").read_text() == "ImageId,Label\n1,3\n2,1\n3,4\n"
+
+
+def test_test_csv_label_column_may_hold_anything(tmp_path):
+    path = tmp_path / "test.csv"
+    path.write_text(csv_text([row(-1, [0] * 784), row("", [1] * 784)]))
+    x, y = read(path, with_label=False)
+    assert x.shape == (2, 28, 28)
+    assert y is None
+
+
+def test_duplicate_header_column_is_named(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_text(csv_text([row(1, [0] * 785)], header=HEADER + ",pixel5"))
+    with pytest.raises(om.InputError, match="duplicate column name\\(s\\) pixel5"):
+        read(path)
+
+
+def test_huge_value_gives_no_pandas_warning(tmp_path):
+    import warnings
+
+    path = tmp_path / "train.csv"
+    path.write_text(csv_text([row(1, ["1e20"] + [0] * 783)]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(om.InputError, match="pixel0"):
+            read(path)
+    assert [str(w.message) for w in caught] == []
+
+
+def test_sample_submission_mismatch_fails_before_training(tmp_path):
+    folder = write_kaggle_csvs(tmp_path / "data", train_rows=40, test_rows=12)
+    pd.DataFrame({"ImageId": range(1, 11), "Label": 0}).to_csv(folder / "sample_submission.csv", index=False)
+    with pytest.raises(om.InputError, match="sample_submission.csv: its 10 ImageIds are not 1 to 12"):
+        om.load_data(om.default_config(data_dir=str(folder)))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"num_classes": 5}, "labels go up to 9, but --num-classes is 5"),
+    ({"val_fraction": 0.99}, "leaves 0 of 40 rows for training"),
+])
+def test_settings_that_do_not_fit_the_data(tmp_path, overrides, message):
+    folder = write_kaggle_csvs(tmp_path / "data", train_rows=40, test_rows=12)
+    with pytest.raises(om.InputError, match=message):
+        om.load_data(om.default_config(data_dir=str(folder), **overrides))
