@@ -1402,13 +1402,25 @@ def _save_figure(fig, path: Path) -> None:
     plt.close(fig)
 
 
+def _style_epoch_axes(ax, swa_epoch: int, last_epoch: int, ylabel: str, title: str) -> None:
+    """Label a per-epoch plot, shade the SWA phase and keep epoch ticks whole."""
+    from matplotlib.ticker import MaxNLocator
+
+    if swa_epoch <= last_epoch:
+        ax.axvspan(swa_epoch - 0.5, last_epoch + 0.5, color="tab:green", alpha=0.12, label="SWA phase")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend()
+
+
 def plot_history(history: list[dict], swa_epoch: int, results_dir: Path, prefix: str) -> list[Path]:
     """Write the loss, accuracy and learning-rate curves; return their paths."""
     if not history:
         return []
     plt = _pyplot()
-    from matplotlib.ticker import MaxNLocator
-
     epochs = [h["epoch"] for h in history]
     written = []
     for key, ylabel, name in (("loss", "cross-entropy loss", "train_loss"), ("acc", "accuracy (%)", "acc")):
@@ -1416,20 +1428,14 @@ def plot_history(history: list[dict], swa_epoch: int, results_dir: Path, prefix:
         ax.plot(epochs, [h[f"train_{key}"] for h in history], marker="o", label="train (augmented)")
         if any(h[f"val_{key}"] is not None for h in history):
             ax.plot(epochs, [h[f"val_{key}"] for h in history], marker="o", label="validation")
-        if swa_epoch <= epochs[-1]:
-            ax.axvspan(swa_epoch - 0.5, epochs[-1] + 0.5, color="tab:green", alpha=0.12, label="SWA phase")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(ylabel)
-        ax.set_title(f"{prefix}: {'loss' if key == 'loss' else 'accuracy'} per epoch")
+        _style_epoch_axes(ax, swa_epoch, epochs[-1], ylabel,
+                          f"{prefix}: {'loss' if key == 'loss' else 'accuracy'} per epoch")
         if key == "acc":
             # Zoom in on the high end, where MNIST runs differ, but keep every
             # point of a short or failed run in view.
             values = [h["val_acc"] for h in history if h["val_acc"] is not None]
             values += [h["train_acc"] for h in history[len(history) // 2:]]
             ax.set_ylim(max(min(values) - 1.0, 0.0), 100.2)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        ax.legend()
         path = results_dir / f"{prefix}_{name}.png"
         _save_figure(fig, path)
         written.append(path)
@@ -1437,14 +1443,7 @@ def plot_history(history: list[dict], swa_epoch: int, results_dir: Path, prefix:
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.plot(epochs, [h["lr"] for h in history], marker="o", label="learning rate at epoch end")
     ax.set_yscale("log")
-    if swa_epoch <= epochs[-1]:
-        ax.axvspan(swa_epoch - 0.5, epochs[-1] + 0.5, color="tab:green", alpha=0.12, label="SWA phase")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("learning rate")
-    ax.set_title(f"{prefix}: learning-rate schedule")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(alpha=0.3)
-    ax.legend()
+    _style_epoch_axes(ax, swa_epoch, epochs[-1], "learning rate", f"{prefix}: learning-rate schedule")
     path = results_dir / f"{prefix}_lr.png"
     _save_figure(fig, path)
     written.append(path)
