@@ -339,7 +339,7 @@ def locate_data(data_dir: str | os.PathLike) -> DataSource:
     if path.is_file():
         if zipfile.is_zipfile(path):
             return _csv_sources_in_zip(path)
-        raise InputError(f"--data-dir {path} is a file but not a zip archive; pass the folder that holds train.csv and test.csv")
+        raise InputError(f"--data-dir {path} is a file but not a zip archive; pass the folder that contains train.csv and test.csv")
     candidates = [path]
     if KAGGLE_INPUT_DIR.is_dir() and KAGGLE_INPUT_DIR.resolve() != path.resolve():
         candidates.append(KAGGLE_INPUT_DIR)
