@@ -579,6 +579,14 @@ def load_data(cfg: Config) -> Dataset:
     )
 
 
+def data_fingerprint(data: Dataset) -> str:
+    """Return a short hash of the split images and labels, stored so --resume can detect changed data."""
+    digest = hashlib.blake2b(digest_size=8)
+    for array in (data.train_x, data.train_y, data.val_x, data.val_y, data.test_x):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
 def count_duplicates(reference: np.ndarray, queries: np.ndarray) -> int:
     """Count images in `queries` that equal, pixel for pixel, some image in `reference`."""
     def digests(images: np.ndarray) -> list[bytes]:
@@ -1605,9 +1613,14 @@ def fit(cfg: Config, data: Dataset, device: torch.device, stop: StopFlag | None 
     cosine = make_cosine(optimizer, cfg, steps)
     swalr = None
     history, top_k, start_epoch = [], [], 1
+    fingerprint = data_fingerprint(data)
 
     if cfg.resume:
         checkpoint = load_checkpoint(paths["last"])
+        saved_data = checkpoint.get("data_fingerprint")
+        if saved_data is not None and saved_data != data_fingerprint(data):
+            raise InputError(f"{paths['last']}: the data in --data-dir {cfg.data_dir} differ from the data of the "
+                             "saved run; resume with the same files, or start a new run with --overwrite")
         start_epoch = int(checkpoint["epoch"]) + 1
         model.load_state_dict(checkpoint["model"])
         if checkpoint.get("swalr") is not None:
@@ -1688,7 +1701,7 @@ def fit(cfg: Config, data: Dataset, device: torch.device, stop: StopFlag | None 
             "swalr": swalr.state_dict() if swalr is not None else None,
             "scaler": scaler.state_dict() if scaler is not None else None,
             "swa_model": swa_model.state_dict() if swa_model is not None else None,
-            "history": history, "top_k": top_k, "rng": rng_state(host_rng),
+            "history": history, "top_k": top_k, "rng": rng_state(host_rng), "data_fingerprint": fingerprint,
         }, paths["last"])
         # Delete dropped checkpoints only after last.pth no longer lists them.
         for entry in dropped:

@@ -322,3 +322,17 @@ def test_stray_checkpoint_names_are_ignored(finished_run, tiny_data, tmp_path):
     resumed = run_cli(cli_args(tiny_data, copy, "--resume"))
     assert resumed.returncode == 0, resumed.stderr
     assert backup.exists()
+
+
+def test_resume_with_changed_data_stops(finished_run, tiny_data, tmp_path):
+    out, _ = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    frame = pd.read_csv(data / "train.csv")
+    frame.loc[5, "pixel300"] = (frame.loc[5, "pixel300"] + 1) % 256
+    frame.to_csv(data / "train.csv", index=False)
+    result = run_cli(cli_args(data, copy, "--resume"))
+    assert result.returncode == 2
+    assert "differ from the data of the saved run" in result.stderr
