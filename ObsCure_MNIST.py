@@ -463,8 +463,9 @@ def read_digits_csv(source: CsvSource, with_label: bool) -> tuple[np.ndarray, np
         # to int32; the range check below reports those values instead.
         with source.open_binary() as stream, warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
+            # names= gives pandas the stripped header, so " pixel5" after a space is pixel5.
             for chunk in pd.read_csv(stream, dtype=dtypes, chunksize=CSV_CHUNK_ROWS, engine="c",
-                                     encoding="utf-8-sig"):
+                                     encoding="utf-8-sig", header=0, names=columns):
                 pixels = chunk[PIXEL_COLUMNS].to_numpy()
                 bad = (pixels < 0) | (pixels > 255)
                 if bad.any():
@@ -1439,8 +1440,8 @@ def plot_history(history: list[dict], swa_epoch: int, results_dir: Path, prefix:
         _style_epoch_axes(ax, swa_epoch, epochs[-1], ylabel,
                           f"{prefix}: {'loss' if key == 'loss' else 'accuracy'} per epoch")
         if key == "acc":
-            # Zoom in on the second half of the run, where MNIST runs differ;
-            # early outliers may fall below the axis, but a short run stays in view.
+            # Zoom in on the second half of the run, where MNIST runs differ.
+            # Early outliers may fall below the axis, but a short run stays in view.
             late = history[len(history) // 2:]
             values = [h["val_acc"] for h in late if h["val_acc"] is not None] + [h["train_acc"] for h in late]
             ax.set_ylim(max(min(values) - 1.0, 0.0), 100.2)
@@ -1618,7 +1619,7 @@ def fit(cfg: Config, data: Dataset, device: torch.device, stop: StopFlag | None 
     if cfg.resume:
         checkpoint = load_checkpoint(paths["last"])
         saved_data = checkpoint.get("data_fingerprint")
-        if saved_data is not None and saved_data != data_fingerprint(data):
+        if saved_data is not None and saved_data != fingerprint:
             raise InputError(f"{paths['last']}: the data in --data-dir {cfg.data_dir} differ from the data of the "
                              "saved run; resume with the same files, or start a new run with --overwrite")
         start_epoch = int(checkpoint["epoch"]) + 1
