@@ -16,7 +16,13 @@ def grouped_input(groups_sizes, channels=3, size=5, seed=0):
 
 
 def reference_ghost(x, ghost, weight, bias, eps=1e-5):
-    chunks = [F.batch_norm(c, None, None, weight, bias, True, 0.0, eps) for c in x.split(ghost)]
+    """Normalize each chunk of `ghost` images with its own mean and biased variance, by plain arithmetic."""
+    chunks = []
+    for chunk in x.split(ghost):
+        mean = chunk.mean(dim=(0, 2, 3), keepdim=True)
+        var = chunk.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+        scaled = (chunk - mean) / torch.sqrt(var + eps)
+        chunks.append(scaled * weight.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1))
     return torch.cat(chunks)
 
 
@@ -46,6 +52,24 @@ def test_ghost_bn_uneven_batch_uses_real_remainder():
     torch.testing.assert_close(bn.running_mean, 0.1 * (means * weights).sum(0), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(bn.running_var, 0.9 + 0.1 * (variances * weights).sum(0), rtol=1e-5, atol=1e-6)
     assert int(bn.num_batches_tracked) == 1
+
+
+def test_ghost_bn_gradients_match_reference():
+    bn = om.GhostBatchNorm2d(3, ghost_batch=32).train()
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1.5, 0.5, 2.0]))
+        bn.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    x = grouped_input([32, 32, 6]).requires_grad_()
+    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    (bn(x) * upstream).sum().backward()
+
+    x_ref = x.detach().clone().requires_grad_()
+    weight = bn.weight.detach().clone().requires_grad_()
+    bias = bn.bias.detach().clone().requires_grad_()
+    (reference_ghost(x_ref, 32, weight, bias) * upstream).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bn.weight.grad, weight.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bn.bias.grad, bias.grad, rtol=1e-4, atol=1e-5)
 
 
 def test_ghost_bn_eval_uses_running_stats():
