@@ -166,6 +166,11 @@ RUNTIME_KEYS = (
     "resume", "overwrite", "eval_batch",
 )
 
+# Settings added after runs had already been saved, each with the value that
+# reproduces how those runs trained. A resumed old run gets these values,
+# not today's defaults.
+ADDED_KEYS_OLD_VALUES = {"warmup_frac": 0.0, "scale_frac": 0.0, "light_scale_frac": 0.0}
+
 Config = dataclasses.make_dataclass(
     "Config",
     [(name.lower(), type(globals()[name])) for name in CONFIG_HELP],
@@ -1584,6 +1589,7 @@ def check_resume_config(saved: dict, cfg: Config, path: Path, predict_only: bool
                          "resume with the saved values, or start a new run with --overwrite or another --save-prefix")
     merged = dict(current)
     ignored = []
+    saved = {**ADDED_KEYS_OLD_VALUES, **saved}
     for key, value in saved.items():
         if key in merged and key not in RUNTIME_KEYS and merged[key] != value:
             ignored.append(f"{key}={merged[key]!r} (kept {value!r})")

@@ -336,3 +336,17 @@ def test_resume_with_changed_data_stops(finished_run, tiny_data, tmp_path):
     result = run_cli(cli_args(data, copy, "--resume"))
     assert result.returncode == 2
     assert "differ from the data of the saved run" in result.stderr
+
+
+def test_resume_of_older_run_keeps_its_schedule(tmp_path, capsys):
+    cfg = om.default_config(results_dir=str(tmp_path))
+    older = {key: value for key, value in om.config_dict(cfg).items() if key not in om.ADDED_KEYS_OLD_VALUES}
+    resumed = om.check_resume_config(older, cfg, tmp_path / "run_last.pth")
+    assert cfg.warmup_frac > 0
+    assert resumed.warmup_frac == 0.0
+    assert resumed.scale_frac == 0.0
+    assert resumed.light_scale_frac == 0.0
+    assert "warmup_frac=0.15 (kept 0.0)" in capsys.readouterr().err
+
+    newer = dict(om.config_dict(cfg), warmup_frac=0.3)
+    assert om.check_resume_config(newer, cfg, tmp_path / "run_last.pth").warmup_frac == 0.3
