@@ -233,6 +233,8 @@ def validate_config(cfg: Config) -> None:
             fail(name, "must be positive")
     if cfg.eta_min < 0 or cfg.weight_decay < 0:
         fail("eta_min" if cfg.eta_min < 0 else "weight_decay", "must be 0 or more")
+    if cfg.eta_min > cfg.base_lr:
+        fail("eta_min", f"must not exceed --base-lr {cfg.base_lr}, the peak of the schedule")
     if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
         fail("device", "choose auto, cpu, cuda or cuda:N")
     # Prefixes also become glob-free file-name patterns, so only plain
@@ -640,8 +642,10 @@ def random_affine(images: torch.Tensor, max_shift: int, max_degrees: float, max_
     device = images.device
     angle = (torch.rand(n, device=device) * 2 - 1) * math.radians(max_degrees)
     shift = torch.randint(-max_shift, max_shift + 1, (n, 2), device=device).float()
-    zoom = 1.0 + (torch.rand(n, device=device) * 2 - 1) * max_scale
-    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    if max_scale > 0:  # no draw at 0, so runs without zoom keep their random stream
+        zoom = 1.0 + (torch.rand(n, device=device) * 2 - 1) * max_scale
+        cos, sin = cos / zoom, sin / zoom
     theta = torch.zeros(n, 2, 3, device=device)
     theta[:, 0, 0], theta[:, 0, 1] = cos, -sin
     theta[:, 1, 0], theta[:, 1, 1] = sin, cos

@@ -282,6 +282,10 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     ({"seed": -1}, "invalid --seed -1"),
     ({"eta_min": float("nan")}, "must be a finite number"),
     ({"base_lr": float("inf")}, "invalid --base-lr inf"),
+    ({"eta_min": 1.0}, "must not exceed --base-lr"),
+    ({"warmup_frac": 1.0}, "invalid --warmup-frac 1.0"),
+    ({"scale_frac": 0.6}, "invalid --scale-frac 0.6"),
+    ({"light_scale_frac": -0.1}, "invalid --light-scale-frac -0.1"),
 ])
 def test_config_rejects_unsafe_values(overrides, message):
     with pytest.raises(om.InputError, match=message):

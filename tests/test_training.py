@@ -266,3 +266,17 @@ def test_random_affine_shifts_whole_pixels():
         assert len(matches) == 1
         seen.add(matches[0])
     assert len(seen) > 15
+
+
+def test_random_affine_without_zoom_draws_no_zoom():
+    # Runs saved before the zoom existed resume with scale 0 and must see
+    # the same random numbers as before: one angle and one shift per image.
+    images = square_images(8)
+    torch.manual_seed(2)
+    om.random_affine(images, 2, 10.0, 0.0)
+    after_affine = torch.rand(4)
+    torch.manual_seed(2)
+    torch.rand(8)
+    torch.randint(-2, 3, (8, 2))
+    after_angle_and_shift = torch.rand(4)
+    assert torch.equal(after_affine, after_angle_and_shift)
