@@ -168,7 +168,7 @@ RUNTIME_KEYS = (
 
 # Settings added after runs had already been saved, each with the value that
 # reproduces how those runs trained. A resumed old run gets these values,
-# not today's defaults.
+# not the current defaults.
 ADDED_KEYS_OLD_VALUES = {"warmup_frac": 0.0, "scale_frac": 0.0, "light_scale_frac": 0.0}
 
 Config = dataclasses.make_dataclass(
@@ -738,8 +738,10 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
                     factor = 1.0 / float(self.num_batches_tracked)
                 else:
                     factor = self.momentum
-                sizes = torch.tensor([group.shape[0] for group in groups], device=x.device, dtype=torch.float32)
-                weights = (sizes / sizes.sum()).view(-1, 1)
+                # Every group but the last has ghost_batch images. Filling on the
+                # device avoids a host-to-device copy in every layer and step.
+                weights = torch.full((len(groups), 1), self.ghost_batch / x.shape[0], device=x.device)
+                weights[-1] = groups[-1].shape[0] / x.shape[0]
                 self.running_mean.lerp_((means * weights).sum(0).to(self.running_mean.dtype), factor)
                 self.running_var.lerp_((variances * weights).sum(0).to(self.running_var.dtype), factor)
         if x.is_contiguous(memory_format=torch.channels_last):
