@@ -6,7 +6,7 @@ cross-entropy, the same autocast and channels_last input) with batches of
 BATCH_SIZE images. They differ only in where the batches come from:
 
 - ours: the training images sit on the device as one uint8 tensor, and each
-  step indexes a random batch and augments it there (shift, rotation, erasing),
+  step indexes a random batch and augments it there (shift, rotation, zoom, erasing),
   as ObsCure_MNIST.train_one_epoch does;
 - reference: the original script's input path, where torchvision PIL
   transforms run per image (RandomCrop with 4 px padding, RandomRotation(8),

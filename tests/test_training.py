@@ -238,7 +238,7 @@ def square_images(count: int) -> torch.Tensor:
     return images
 
 
-def test_random_affine_zoom_scales_the_digit_area():
+def test_random_affine_zoom_scales_area():
     torch.manual_seed(0)
     unchanged = om.random_affine(square_images(4), 0, 0.0, 0.0)
     assert torch.allclose(unchanged, square_images(4), atol=1e-5)
